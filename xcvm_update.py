@@ -42,6 +42,7 @@ import posixpath
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -142,6 +143,8 @@ class Settings:
         "preserve": None,          # one path per line; DEFAULT_PRESERVED
         "max_members": "100000",
         "max_unpacked_mb": "4096",
+        "http_timeout": "30",
+        "download_retries": "4",
     }
 
     def __init__(self, values):
@@ -163,6 +166,8 @@ class Settings:
         self.health_timeout = _int_setting(values, "health_timeout", minimum=1)
         self.max_members = _int_setting(values, "max_members", minimum=1)
         self.max_unpacked = _int_setting(values, "max_unpacked_mb", minimum=1) << 20
+        self.http_timeout = _int_setting(values, "http_timeout", minimum=1)
+        self.download_retries = _int_setting(values, "download_retries", minimum=0)
         preserve = get("preserve")
         paths = preserve.split() if preserve else DEFAULT_PRESERVED
         self.preserved = {p.strip("/") for p in paths}
@@ -284,7 +289,7 @@ class Log:
     def info(self, message):
         self._write("INFO", message, 1)
 
-    def warn(self, message):
+    def warning(self, message):
         self._write("WARNING", message, 1)
 
     def error(self, message):
@@ -704,25 +709,24 @@ class Downloader:
     ignores Range restarts the file; bytes past the declared size stop it.
     """
 
-    RETRY_DELAYS = (1, 2, 4, 8)
-
-    def __init__(self, http, log, progress=False):
+    def __init__(self, http, log, retries, progress=False):
         self.http = http
         self.log = log
+        self.retry_delays = [min(2 ** attempt, 30) for attempt in range(retries)]
         self.progress = progress
 
     def fetch(self, url, path, size, expected):
         algorithm, want = expected.split(":", 1)
         state = _HashingFile(path, algorithm)
         try:
-            for attempt in range(len(self.RETRY_DELAYS) + 1):
+            for attempt in range(len(self.retry_delays) + 1):
                 try:
                     self._attempt(url, state, size)
                     break
                 except TransientError as error:
-                    if attempt == len(self.RETRY_DELAYS):
+                    if attempt == len(self.retry_delays):
                         raise
-                    delay = self.RETRY_DELAYS[attempt]
+                    delay = self.retry_delays[attempt]
                     self.log.warning("%s; retrying in %ds from byte %d" % (error, delay, state.length))
                     time.sleep(delay)
             if size is not None and state.length != size:
@@ -1161,6 +1165,14 @@ UNDO_STEPS = ("stopped", "swapping", "swapped", "starting", "rolling_back")   # 
 FINAL_OUTCOMES = ("finalized", "rolled_back", "rejected", "failed", "interrupted")
 
 
+def crash_point(name):
+    """Fault injection for the test suite's crash matrix: SIGKILL ourselves
+    when XCVM_UPDATE_CRASH_AT names this point (a journal step, or swap:N
+    after N rows of the swap)."""
+    if os.environ.get("XCVM_UPDATE_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_json_atomic(path, data):
     """Temp file, fsync, rename, fsync of the directory: all or nothing."""
     temporary = path + ".tmp"
@@ -1272,7 +1284,7 @@ def health_gate(settings, service, log):
     deadline = time.monotonic() + settings.health_timeout
     service.wait_active(deadline)
     if settings.health_url:
-        http = HttpClient(timeout=10)
+        http = HttpClient(timeout=min(10, settings.http_timeout))
         while True:
             try:
                 connection, response = http.open(settings.health_url)
@@ -1383,7 +1395,8 @@ class Plan:
 
     def apply(self):
         lexists = os.path.lexists
-        for op, rel, kind, before in self.rows:
+        for index, (op, rel, kind, before) in enumerate(self.rows):
+            crash_point("swap:%d" % index)
             live, staged, saved = self._paths(rel)
             if op == "remove":
                 if lexists(live) and not lexists(saved):
@@ -1446,10 +1459,12 @@ class Journal:
                      "archive_sha256": archive_sha256, "step": "verifying",
                      "started_at": now, "updated_at": now, "error": None}
         write_json_atomic(self.path, self.data)
+        crash_point("verifying")
 
     def step(self, step, **fields):
         self.data.update(fields, step=step, updated_at=int(time.time()))
         write_json_atomic(self.path, self.data)
+        crash_point(step)
 
     def finish(self, outcome, error=None):
         """Record the end state in last_result.json and close the journal."""
@@ -1574,6 +1589,7 @@ class Installer:
                 write_json_atomic(self.settings.state("manifest.json"), previous)
             self.journal.step("committed")
             _remove_tree(txn_dir)
+        write_json_atomic(self.journal.result_path, self.journal.data)
         prune_backups(self.settings)
         self.ctx.record("{} {} -> {} committed (downtime {:.2f} s)".format(
             data["kind"], data["from_version"], data["to_version"], data.get("downtime_seconds") or 0))
@@ -1916,8 +1932,8 @@ def cmd_update(ctx, args, force=False, from_poll=False):
                            "or wait for a newer release")
                 return EXIT_OK
         log.info("downloading {} {} to {}".format(release.asset_name, release.tag or "", settings.download_path))
-        downloader = Downloader(HttpClient(settings.github_token), log,
-                                progress=sys.stderr.isatty() and log.verbosity >= 1)
+        downloader = Downloader(HttpClient(settings.github_token, settings.http_timeout), log,
+                                settings.download_retries, progress=sys.stderr.isatty() and log.verbosity >= 1)
         sha256 = downloader.fetch(release.url, settings.download_path, release.size, release.hash_spec)
         ctx.record("downloaded and verified {} {} (sha256 {}{})".format(
             release.asset_name, release.tag or "", sha256[:16], ", checked against a weak md5" if release.weak else ""))
@@ -1943,7 +1959,7 @@ def _choose_release(ctx, wanted, write_cache=True):
         is_main = not ctx.panel().is_lb
         channel = settings.channel or "stable"
         log.warning("{}: node type {} from config.ini (is_lb), channel {}".format(error, "MAIN" if is_main else "LB", channel))
-    source = ReleaseSource(settings, log, HttpClient(settings.github_token), write_cache)
+    source = ReleaseSource(settings, log, HttpClient(settings.github_token, settings.http_timeout), write_cache)
     tag, release = source.choose(source.list_releases(), channel, wanted)
     return source.asset(tag, release, settings.main_asset if is_main else settings.lb_asset)
 
