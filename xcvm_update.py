@@ -1479,7 +1479,8 @@ class Journal:
 
 
 def new_txn_dir(settings):
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    now = time.time()   # ids sort in time order: backups are pruned oldest first
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + ".%06d" % (now % 1 * 1e6)
     path = settings.state("txn", f"{stamp}-{os.urandom(3).hex()}")
     os.makedirs(path, 0o700)
     return path
