@@ -932,10 +932,17 @@ class GzipReader:
         self._offset += size
         return data
 
-    def drain(self):
-        """Read to the end, so the gzip CRC and length are checked."""
-        while self.read(CHUNK):
-            pass
+    def drain(self, limit):
+        """Read to the end, so the gzip CRC and length are checked; more than
+        limit bytes after the tar's end is junk (or a bomb): rejected."""
+        trailing = 0
+        while True:
+            data = self.read(CHUNK)
+            if not data:
+                return
+            trailing += len(data)
+            if trailing > limit:
+                raise Rejected(f"the archive has more than {limit} bytes of data after the end of the tar")
 
     def close(self):
         self._stop = True
@@ -993,8 +1000,6 @@ def _resolve_link(rel, target, symlinks):
         parts.append(part)
         if "/".join(parts) in symlinks:
             raise Rejected("archive member {!r}: symlink {!r} goes through another symlink {!r}".format(rel, target, "/".join(parts)))
-    if not parts:
-        raise Rejected(f"archive member {rel!r}: symlink {target!r} points at the tree's root")
     return "/".join(parts)
 
 
@@ -1069,7 +1074,7 @@ def stage_archive(archive, staging, settings, uid=-1, gid=-1):
                     os.lchown(target, uid, gid)
             else:
                 _write_member(tar, member, target, mode, uid, gid)
-        reader.drain()
+        reader.drain(limit=CHUNK)
         for rel, target in symlinks.items():   # order-independent: links made later
             _resolve_link(rel, target, symlinks)
     except OSError as error:
@@ -1344,7 +1349,7 @@ def _describe(path):
     """[kind, mode, uid, gid] of what is at path now, or None."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # absent, or under what is a file today
         return None
     kind = "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "file"
     return [kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
