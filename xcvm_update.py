@@ -543,6 +543,14 @@ def _redact_url(url):
     return url.split("?", 1)[0]
 
 
+def describe_os_error(error, doing):
+    """One line for an OSError: what we were doing, what failed, what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left while {doing} ({error.filename or ''}): free space and retry"
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{doing} failed: {error.strerror or error}{where}"
+
+
 def _error_text(error):
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
@@ -1077,10 +1085,6 @@ def stage_archive(archive, staging, settings, uid=-1, gid=-1):
         reader.drain(limit=CHUNK)
         for rel, target in symlinks.items():   # order-independent: links made later
             _resolve_link(rel, target, symlinks)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UpdateError(f"no space left to stage the update in {staging}; free space and retry")
-        raise
     finally:
         reader.close()
     entries = []
@@ -1536,11 +1540,13 @@ class Installer:
             self.journal.step("staged", to_version=to_version, archive_sha256=sha256)
         except BaseException as error:
             _remove_tree(txn_dir)
+            if isinstance(error, OSError):
+                error = UpdateError(describe_os_error(error, "staging the update"))
             outcome = "rejected" if isinstance(error, Rejected) else "failed"
             self.journal.finish(outcome, str(error) or type(error).__name__)
             self.ctx.record("update {} -> {} {} before any change: {}".format(
                 from_version, version or "?", outcome, error), status=1)
-            raise
+            raise error
         self._swap_and_gate(lambda: Plan.build(settings.root, txn_dir, staged.entries, removals))
         return self.journal.data
 
@@ -2571,6 +2577,9 @@ def main(argv=None):
     except UpdateError as error:
         log.error(str(error))
         return error.exit_code
+    except OSError as error:
+        log.error(describe_os_error(error, args.command))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

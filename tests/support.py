@@ -113,11 +113,15 @@ class Node:
     """A panel node in a temp dir: ROOT, its config, the stand-in systemctl."""
 
     def __init__(self, test, version="1.0.0", content_files=30, database=None, server_id=1, is_lb=False,
-                 settings=""):
+                 settings="", tmpfs_size=None):
         self.test = test
         self.dir = tempfile.mkdtemp(prefix="xcvm-test-")
         test.addCleanup(shutil.rmtree, self.dir, True)
         self.root = os.path.join(self.dir, "root")
+        if tmpfs_size:
+            os.makedirs(self.root)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % tmpfs_size, "tmpfs", self.root], check=True)
+            test.addCleanup(subprocess.run, ["umount", "-l", self.root])
         self.state = os.path.join(self.root, ".xcvm-update")
         self.owner = owner_spec()
         files = dict(BASE_FILES)
@@ -279,12 +283,27 @@ class PanelDatabase:
 
     def drop(self):
         self.execute("DROP DATABASE IF EXISTS `%s`" % self.name)
+        if getattr(self, "test_cleanup_user", None):
+            self.execute(self.test_cleanup_user)
         self.conn.close()
 
     def execute(self, sql, params=None):
         with self.conn.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall()
+
+    def private_user(self):
+        """A database account of this test's own, that a test can lock."""
+        self.user = "xt_" + os.urandom(4).hex()
+        self.password = "pw-" + os.urandom(6).hex()
+        self.execute("CREATE USER '%s'@'%%' IDENTIFIED BY '%s'" % (self.user, self.password))
+        self.execute("GRANT ALL ON `%s`.* TO '%s'@'%%'" % (self.name, self.user))
+        self.server = self.server[:2] + (self.user, self.password)
+        self.test_cleanup_user = "DROP USER IF EXISTS '%s'@'%%'" % self.user
+        return self
+
+    def lock_user(self, locked=True):
+        self.execute("ALTER USER '%s'@'%%' ACCOUNT %s" % (self.user, "LOCK" if locked else "UNLOCK"))
 
     def add_server(self, server_id, is_main=0, enabled=1, status=1, checked_ago=5, version="1.0.0"):
         self.execute("INSERT INTO servers (id, server_name, is_main, enabled, status, last_check_ago, xc_vm_version)"
