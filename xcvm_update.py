@@ -90,6 +90,7 @@ VERSION_FILES = ("www/constants.php", "www/stream/init.php", "core/Config/AppCon
 VERSION_DEFINE = re.compile(rb"""define\(\s*['"]XC_VM_VERSION['"]\s*,\s*['"]([^'"]+)['"]""")
 
 UPDATE_ACTION = "update"
+UPDATE_SIGNAL = json.dumps({"action": UPDATE_ACTION}, separators=(",", ":"))   # as the panel writes it
 CHUNK = 1 << 20
 
 
@@ -409,7 +410,7 @@ class Database:
                 "   AND g.custom_data LIKE %s"
                 "   AND CASE WHEN JSON_VALID(g.custom_data)"
                 "       THEN JSON_UNQUOTE(JSON_EXTRACT(g.custom_data, '$.action')) END = %s)",
-                (json.dumps({"action": UPDATE_ACTION}), self.server_id, "%" + UPDATE_ACTION + "%", UPDATE_ACTION))
+                (UPDATE_SIGNAL, self.server_id, "%" + UPDATE_ACTION + "%", UPDATE_ACTION))
             self.conn.commit()
             return inserted
         except BaseException:
@@ -1772,9 +1773,10 @@ class Context:
         if self._db_problem:
             raise DatabaseUnavailable(self._db_problem)
         if self._db is None:
+            panel = self.panel()    # a broken config.ini is the operator's to fix: not quiet
             try:
-                self._db = Database(self.panel())
-            except UpdateError as error:
+                self._db = Database(panel)
+            except DatabaseUnavailable as error:
                 self._db_problem = str(error)
                 raise DatabaseUnavailable(self._db_problem)
         return self._db
@@ -2025,8 +2027,13 @@ def cmd_poll(ctx, args):
             if ctx.db().pending_update_signals():
                 ctx.db().claim_update_signals(lambda ids, force: _record_claim(request_path, request, ids, force))
                 request = _read_json(request_path)
+        except DatabaseUnavailable as error:   # cron mails stderr: a down DB is logged, not mailed
+            log.quiet_info(f"poll: {error}")
+            return EXIT_ERROR
         except Exception as error:
-            log.quiet_info("poll: %s" % (error if isinstance(error, UpdateError) else _db_error_text(error)))
+            if type(error).__module__.split(".")[0] != "pymysql":
+                raise
+            log.quiet_info(f"poll: database error: {_db_error_text(error)}")
             return EXIT_ERROR
         if not request or request.get("not_before", 0) > time.time():
             return EXIT_OK
