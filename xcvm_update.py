@@ -2302,10 +2302,13 @@ class ReleaseServer:
         self.api_base = "http://127.0.0.1:%d" % self.api.server_port
 
     def add_release(self, tag, assets, prerelease=False, digest=True):
-        """assets: names of files in folder; hashes.* names are listed as-is."""
+        """Publish the named files of folder as a release's assets (copied to
+        folder/TAG/, so the next release may reuse the names)."""
         entries = []
+        os.makedirs(os.path.join(self.folder, tag), exist_ok=True)
         for name in assets:
-            path = os.path.join(self.folder, name)
+            path = os.path.join(self.folder, tag, name)
+            shutil.copyfile(os.path.join(self.folder, name), path)
             entry = {"name": name, "size": os.path.getsize(path), "state": "uploaded",
                      "content_type": "application/gzip",
                      "browser_download_url": f"{self.api_base}/{self.repo}/releases/download/{tag}/{name}"}
@@ -2326,11 +2329,11 @@ class ReleaseServer:
                 return self.reply(request, 200, body, {"ETag": etag, "Content-Type": "application/json"})
             prefix = f"/{self.repo}/releases/download/"
             if path.startswith(prefix):
-                name = path.rsplit("/", 1)[1]
-                location = "http://127.0.0.1:%d/assets/%s" % (self.assets.server_port, name)
+                location = "http://127.0.0.1:%d/assets/%s" % (self.assets.server_port, path[len(prefix):])
                 return self.reply(request, 302, b"", {"Location": location})
             return self.reply(request, 404, b'{"message": "Not Found"}')
-        return self.send_file(request, os.path.join(self.folder, os.path.basename(path)))
+        tag, _, name = path[len("/assets/"):].partition("/")
+        return self.send_file(request, os.path.join(self.folder, os.path.basename(tag), os.path.basename(name)))
 
     def send_file(self, request, path):
         try:
@@ -2398,9 +2401,8 @@ def cmd_demo(ctx, args):
         build_release(os.path.join(sandbox, "releases", "xc_vm.tar.gz"), "1.1.0", new)
         build_release(os.path.join(sandbox, "releases", "loadbalancer.tar.gz"), "1.1.0", new)
         releases.add_release("v1.1.0", ["xc_vm.tar.gz", "loadbalancer.tar.gz"])
-        build_release(os.path.join(sandbox, "releases", "beta.tar.gz"), "1.2.0-beta1", new)
-        os.rename(os.path.join(sandbox, "releases", "beta.tar.gz"), os.path.join(sandbox, "releases", "xc_vm.beta"))
-        releases.add_release("v1.2.0-beta1", ["xc_vm.beta"], prerelease=True)
+        build_release(os.path.join(sandbox, "releases", "xc_vm.tar.gz"), "1.2.0-beta1", new)
+        releases.add_release("v1.2.0-beta1", ["xc_vm.tar.gz"], prerelease=True)
         systemctl = os.path.join(sandbox, "systemctl")
         _write_file(systemctl, SYSTEMCTL_STAND_IN.encode(), 0o755)
         _write_file(os.path.join(sandbox, "active"), b"")
