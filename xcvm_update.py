@@ -1921,7 +1921,9 @@ def cmd_update(ctx, args, force=False, from_poll=False):
     force = force or getattr(args, "force", False)
     wanted = getattr(args, "version", None)
     url = getattr(args, "url", None)
-    as_root = os.geteuid() == 0
+    # Install here when root, or when the state dir is ours to write (the demo's
+    # sandbox): only root creates it on a node, so the panel's user hands over.
+    as_root = os.geteuid() == 0 or os.access(settings.state_dir, os.W_OK)
     lock = _locked(ctx) if as_root and not from_poll else None
     try:
         if as_root:
@@ -1988,9 +1990,13 @@ def _failed_before(settings, installed, tag):
 
 
 def _hand_over(ctx, args, expected, version):
-    """Not root: start `sudo -n install` in its own session, then return."""
-    command = (["sudo", "-n", sys.executable, _program_path()] + _global_flags(args) +
-               ["install", ctx.settings.download_path, expected] + (["--version", version] if version else []))
+    """Not root: start `sudo -n install` in its own session, then return.
+
+    No global options go along: through sudo, install takes its settings from
+    root's /etc/xcvm-update.ini only (see main), so the sudoers line stays safe.
+    """
+    command = (["sudo", "-n", sys.executable, _program_path(), "install", ctx.settings.download_path, expected] +
+               (["--version", version] if version else []))
     try:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
@@ -2182,9 +2188,13 @@ def database_server(workdir):
     """A MariaDB for throwaway databases: (host, port, user, password, process).
 
     XCVM_TEST_DB (user[:password]@host[:port], default root@127.0.0.1:3306)
-    when it answers; else a private mariadbd started in workdir; else None.
+    when it answers; else a private mariadbd started in workdir; else None
+    (also when PyMySQL is missing: the bare module, not the pyz, was run).
     """
-    import pymysql
+    try:
+        import pymysql
+    except ImportError:
+        return None
 
     target = os.environ.get("XCVM_TEST_DB", "root@127.0.0.1:3306")
     credentials, _, address = target.rpartition("@")
@@ -2406,6 +2416,7 @@ def cmd_demo(ctx, args):
         systemctl = os.path.join(sandbox, "systemctl")
         _write_file(systemctl, SYSTEMCTL_STAND_IN.encode(), 0o755)
         _write_file(os.path.join(sandbox, "active"), b"")
+        os.makedirs(os.path.join(root, ".xcvm-update"), 0o700)   # ours: install runs in-process
         settings_file = os.path.join(sandbox, "xcvm-update.ini")
         _write_file(settings_file, b"[xcvm-update]\nhealth_timeout = 10\n")
         owner = "%d:%d" % (os.geteuid(), os.getegid())
@@ -2428,7 +2439,8 @@ def cmd_demo(ctx, args):
             command = "poll"
         else:
             write_panel_config(os.path.join(root, "config", "config.ini"), ("127.0.0.1", 9, "demo", ""), database)
-            say("no MariaDB answers at XCVM_TEST_DB or 127.0.0.1:3306 and mariadbd is not installed:")
+            say("no database: PyMySQL is not importable, or no MariaDB answers at XCVM_TEST_DB or "
+                "127.0.0.1:3306 and mariadbd is not installed;")
             say("running 'update' without the database layer (no signals, no LB propagation)")
             command = "update"
         started = time.monotonic()
@@ -2462,8 +2474,13 @@ def _demo_account(root, sandbox, admin):
     print("now installed: %s; operator's custom.conf kept: %s; content/ files: %d" % (
         tree_version(root), open(os.path.join(root, "bin/nginx/conf/custom.conf")).read().startswith("# the operator"),
         len(os.listdir(os.path.join(root, "content", "vod")))))
-    with open(os.path.join(sandbox, "systemctl.calls")) as handle:
-        print("systemctl calls: {}".format(", ".join(line.strip() for line in handle)))
+    try:
+        with open(os.path.join(sandbox, "systemctl.calls")) as handle:
+            print("systemctl calls: " + ", ".join(line.strip() for line in handle))
+    except FileNotFoundError:
+        print("systemctl calls: none (the service was never touched)")
+    if result.get("error"):
+        print("error recorded: " + result["error"])
     if admin:
         with admin.cursor() as cursor:
             cursor.execute("SELECT server_id FROM signals WHERE custom_data LIKE '%update%' ORDER BY server_id")
@@ -2566,13 +2583,19 @@ def main(argv=None):
     verbosity = 0 if getattr(args, "quiet", False) else 1 + getattr(args, "verbose", 0)
     if args.command == "demo":
         return cmd_demo(None, args)
+    if args.command == "install" and os.environ.get("SUDO_UID", "0") != "0":
+        given = [dest for dest, _, _ in GLOBAL_OPTIONS if getattr(args, dest) is not None]
+        if given:   # a sudoers rule for install must not let its caller choose what root runs
+            sys.stderr.write("error: install through sudo takes no --%s: set it in /etc/xcvm-update.ini\n"
+                             % given[0].replace("_", "-"))
+            return EXIT_USAGE
     try:
         settings = load_settings(args)
     except UpdateError as error:
         sys.stderr.write(f"error: {error}\n")
         return error.exit_code
     log_path = None
-    if args.command in WRITES_STATE and (os.geteuid() == 0 or args.command != "update"):
+    if args.command in WRITES_STATE and (os.geteuid() == 0 or os.access(settings.state_dir, os.W_OK)):
         try:
             os.makedirs(settings.state_dir, 0o700, exist_ok=True)
             log_path = settings.state("update.log")
