@@ -88,7 +88,7 @@ def pyz_main():
                         os.replace(cached + ".tmp", cached)
                     except OSError:
                         pass
-            exec(code, module.__dict__)
+            exec(code, module.__dict__)  # noqa: S102  the archive's own module, as import would run it
 
     sys.meta_path.insert(0, CachedZipFinder())
     import xcvm_update
@@ -111,7 +111,7 @@ def pinned_requirement():
 
 def find_wheel(name, version, sha256):
     """The pinned wheel, downloaded with pip if needed, verified by hash."""
-    prefix = ("%s-%s-" % (name, version)).lower()
+    prefix = (f"{name}-{version}-").lower()
     for attempt in range(2):
         if os.path.isdir(WHEELS):
             for entry in sorted(os.listdir(WHEELS)):
@@ -120,11 +120,11 @@ def find_wheel(name, version, sha256):
                     with open(path, "rb") as handle:
                         if hashlib.sha256(handle.read()).hexdigest() == sha256:
                             return path
-                    sys.exit("%s does not match the hash pinned in requirements.txt: delete it" % path)
+                    sys.exit(f"{path} does not match the hash pinned in requirements.txt: delete it")
         if attempt == 0:
             subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                             "--require-hashes", "-r", os.path.join(HERE, "requirements.txt"), "-d", WHEELS], check=True)
-    sys.exit("pip did not provide %s %s" % (name, version))
+    sys.exit(f"pip did not provide {name} {version}")
 
 
 def add(archive, name, data, mode=0o644):
@@ -156,7 +156,7 @@ def build(output):
     os.replace(temporary, output)
     with open(output, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
-    print("built %s (%d files, sha256 %s)" % (output, len(entries), digest))
+    print(f"built {output} ({len(entries)} files, sha256 {digest})")
 
 
 if __name__ == "__main__":

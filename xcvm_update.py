@@ -122,31 +122,32 @@ class DatabaseUnavailable(UpdateError):
 
 # --------------------------------------------------------------------- config
 
+SETTINGS_DEFAULTS = {
+    "root": "/home/xc_vm",
+    "config": None,            # ROOT/config/config.ini
+    "state_dir": None,         # ROOT/.xcvm-update
+    "owner": "xc_vm:xc_vm",
+    "service": "xc_vm",
+    "systemctl": "systemctl",
+    "api_base": "https://api.github.com",
+    "repo": "Vateron-Media/XC_VM",
+    "channel": None,           # settings.update_channel, else stable
+    "github_token": None,
+    "keep_backups": "1",
+    "health_url": None,
+    "health_timeout": "60",
+    "main_asset": "xc_vm.tar.gz",
+    "lb_asset": "loadbalancer.tar.gz",
+    "preserve": None,          # one path per line; DEFAULT_PRESERVED
+    "max_members": "100000",
+    "max_unpacked_mb": "4096",
+    "http_timeout": "30",
+    "download_retries": "4",
+}
+
+
 class Settings:
     """Every knob, resolved once: command line > settings file > default."""
-
-    DEFAULTS = {
-        "root": "/home/xc_vm",
-        "config": None,            # ROOT/config/config.ini
-        "state_dir": None,         # ROOT/.xcvm-update
-        "owner": "xc_vm:xc_vm",
-        "service": "xc_vm",
-        "systemctl": "systemctl",
-        "api_base": "https://api.github.com",
-        "repo": "Vateron-Media/XC_VM",
-        "channel": None,           # settings.update_channel, else stable
-        "github_token": None,
-        "keep_backups": "1",
-        "health_url": None,
-        "health_timeout": "60",
-        "main_asset": "xc_vm.tar.gz",
-        "lb_asset": "loadbalancer.tar.gz",
-        "preserve": None,          # one path per line; DEFAULT_PRESERVED
-        "max_members": "100000",
-        "max_unpacked_mb": "4096",
-        "http_timeout": "30",
-        "download_retries": "4",
-    }
 
     def __init__(self, values):
         get = values.get
@@ -194,13 +195,13 @@ def _int_setting(values, key, minimum):
     except (TypeError, ValueError):
         raise UpdateError(f"setting {key} must be a whole number, not {values[key]!r}")
     if number < minimum:
-        raise UpdateError("setting %s must be at least %d" % (key, minimum))
+        raise UpdateError(f"setting {key} must be at least {minimum}")
     return number
 
 
 def load_settings(args):
     """Merge the command line over /etc/xcvm-update.ini over the defaults."""
-    values = dict(Settings.DEFAULTS)
+    values = dict(SETTINGS_DEFAULTS)
     path = args.settings or "/etc/xcvm-update.ini"
     if args.settings or os.path.exists(path):
         parser = _read_ini(path)
@@ -262,7 +263,7 @@ class PanelConfig:
             raise UpdateError(f"{path}: [XC_VM] has a value that is not a number ({error})")
 
     def __repr__(self):  # never the password
-        return "PanelConfig(%s@%s:%d/%s, server_id=%d)" % (self.user, self.host, self.port, self.database, self.server_id)
+        return f"PanelConfig({self.user}@{self.host}:{self.port}/{self.database}, server_id={self.server_id})"
 
 
 class Log:
@@ -273,7 +274,7 @@ class Log:
         self.file = None
         if path:
             try:
-                self.file = open(path, "a", buffering=1, encoding="utf-8")
+                self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115  closed by main()
             except OSError:
                 self.file = None
 
@@ -317,8 +318,7 @@ class Database:
                 database=panel.database, connect_timeout=5, read_timeout=30, write_timeout=30,
                 autocommit=True, charset="utf8mb4")
         except pymysql.Error as error:
-            raise DatabaseUnavailable("cannot reach the database %s:%d/%s: %s" % (
-                panel.host, panel.port, panel.database, _db_error_text(error)))
+            raise DatabaseUnavailable(f"cannot reach the database {panel.host}:{panel.port}/{panel.database}: {_db_error_text(error)}")
 
     def close(self):
         self.conn.close()
@@ -372,7 +372,7 @@ class Database:
     def is_main(self):
         rows = self.query("SELECT is_main FROM servers WHERE id = %s", (self.server_id,))
         if not rows:
-            raise UpdateError("server_id %d from %s is not in the servers table" % (self.server_id, self.panel.path))
+            raise UpdateError(f"server_id {self.server_id} from {self.panel.path} is not in the servers table")
         return bool(rows[0][0])
 
     def update_channel(self):
@@ -599,7 +599,7 @@ class ReleaseSource:
         elif response.status in (403, 429):
             raise _rate_limit_error(response)
         elif response.status != 200:
-            raise TransientError("GitHub answered HTTP %d for %s; check --repo and --api-base" % (response.status, _redact_url(url)))
+            raise TransientError(f"GitHub answered HTTP {response.status} for {_redact_url(url)}; check --repo and --api-base")
         try:
             releases = json.loads(body)
         except ValueError:
@@ -668,7 +668,8 @@ class ReleaseSource:
         connection, response = self.http.open(url)
         try:
             if response.status != 200:
-                raise TransientError("fetching %s of release %s: HTTP %d" % (hash_asset.get("name"), tag, response.status))
+                name = hash_asset.get("name")
+                raise TransientError(f"fetching {name} of release {tag}: HTTP {response.status}")
             text = response.read(1 << 20).decode("utf-8", "replace")
         except OSError as error:
             raise TransientError("fetching {} of release {}: {}".format(hash_asset.get("name"), tag, _error_text(error)))
@@ -693,8 +694,7 @@ def _rate_limit_error(response):
         retry_at = now + 3600
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(retry_at))
     return TransientError(
-        "GitHub rate limit reached (HTTP %d): retry after %s (in %d min); a github_token raises the limit"
-        % (response.status, when, max(1, int((retry_at - now + 59) // 60))), retry_at=retry_at)
+        f"GitHub rate limit reached (HTTP {response.status}): retry after {when} (in {max(1, int((retry_at - now + 59) // 60))} min); a github_token raises the limit", retry_at=retry_at)
 
 
 def parse_hash(text):
@@ -736,11 +736,10 @@ class Downloader:
                     if attempt == len(self.retry_delays):
                         raise
                     delay = self.retry_delays[attempt]
-                    self.log.warning("%s; retrying in %ds from byte %d" % (error, delay, state.length))
+                    self.log.warning(f"{error}; retrying in {delay}s from byte {state.length}")
                     time.sleep(delay)
             if size is not None and state.length != size:
-                raise Rejected("download of %s ended at %d bytes, the release declares %d" % (
-                    _redact_url(url), state.length, size))
+                raise Rejected(f"download of {_redact_url(url)} ended at {state.length} bytes, the release declares {size}")
             sha256, other = state.finish()
         except BaseException:
             state.discard()
@@ -754,14 +753,14 @@ class Downloader:
     def _attempt(self, url, state, size):
         headers = {"Accept": "application/octet-stream"}
         if state.length:
-            headers["Range"] = "bytes=%d-" % state.length
+            headers["Range"] = f"bytes={state.length}-"
         connection, response = self.http.open(url, headers)
         try:
             if response.status == 200 and state.length:
                 self.log.info("server ignored the resume request: starting over")
                 state.restart()
             elif response.status == 206:
-                if not (response.getheader("Content-Range") or "").startswith("bytes %d-" % state.length):
+                if not (response.getheader("Content-Range") or "").startswith(f"bytes {state.length}-"):
                     raise Rejected("server resumed {} at the wrong offset ({})".format(
                         _redact_url(url), response.getheader("Content-Range")))
             elif response.status in (403, 429):
@@ -769,7 +768,7 @@ class Downloader:
             elif response.status == 416 and size is not None and state.length == size:
                 return
             elif response.status != 200:
-                raise TransientError("download of %s: HTTP %d" % (_redact_url(url), response.status))
+                raise TransientError(f"download of {_redact_url(url)}: HTTP {response.status}")
             buffer = bytearray(CHUNK)
             view = memoryview(buffer)
             last_draw = 0.0
@@ -781,7 +780,7 @@ class Downloader:
                 if not count:
                     break
                 if size is not None and state.length + count > size:
-                    raise Rejected("download of %s goes past the declared %d bytes: refused" % (_redact_url(url), size))
+                    raise Rejected(f"download of {_redact_url(url)} goes past the declared {size} bytes: refused")
                 state.write(view[:count])
                 if self.progress and time.monotonic() - last_draw > 0.2:
                     last_draw = time.monotonic()
@@ -790,7 +789,7 @@ class Downloader:
                 _draw_progress(state.length, size)
                 sys.stderr.write("\n")
             if size is not None and state.length < size:
-                raise TransientError("download of %s cut off at %d of %d bytes" % (_redact_url(url), state.length, size))
+                raise TransientError(f"download of {_redact_url(url)} cut off at {state.length} of {size} bytes")
         finally:
             connection.close()
 
@@ -807,7 +806,7 @@ class _HashingFile:
     def restart(self):
         if getattr(self, "handle", None):
             self.handle.close()
-        self.handle = open(self.path, "wb")
+        self.handle = open(self.path, "wb")  # noqa: SIM115  closed by finish() or discard()
         self.sha256 = hashlib.sha256()
         self.other = hashlib.md5() if self.algorithm == "md5" else None
         self.length = 0
@@ -830,9 +829,9 @@ class _HashingFile:
 
 def _draw_progress(done, size):
     if size:
-        sys.stderr.write("\r  %7.1f / %.1f MB  %3d%%" % (done / 1e6, size / 1e6, done * 100 // size))
+        sys.stderr.write(f"\r  {done / 1e6:7.1f} / {size / 1e6:.1f} MB  {done * 100 // size:3d}%")
     else:
-        sys.stderr.write("\r  %7.1f MB" % (done / 1e6))
+        sys.stderr.write(f"\r  {done / 1e6:7.1f} MB")
     sys.stderr.flush()
 
 
@@ -841,11 +840,9 @@ def copy_and_hash(source, destination, algorithm):
     digest = hashlib.new(algorithm)
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
-    try:
-        src = open(source, "rb")
-    except OSError as error:
-        raise Rejected(f"cannot read the archive {source}: {error.strerror}")
-    with src, open(destination, "wb") as dst:
+    if not os.path.isfile(source) or not os.access(source, os.R_OK):
+        raise Rejected(f"cannot read the archive {source}: not a readable file")
+    with open(source, "rb") as src, open(destination, "wb") as dst:
         os.fchmod(dst.fileno(), 0o600)
         while True:
             count = src.readinto(buffer)
@@ -878,7 +875,7 @@ class GzipReader:
         self._done = False
         self._stop = False
         self._limit = limit
-        self._source = open(path, "rb")
+        self._source = open(path, "rb")  # noqa: SIM115  closed by close()
         self._thread = threading.Thread(target=self._inflate, name="gunzip", daemon=True)
         self._thread.start()
 
@@ -903,14 +900,14 @@ class GzipReader:
                     if out:
                         total += len(out)
                         if total > self._limit:
-                            raise Rejected("archive inflates to more than %d MB: refused as a decompression bomb" % (self._limit >> 20))
+                            raise Rejected(f"archive inflates to more than {self._limit >> 20} MB: refused as a decompression bomb")
                         self._queue.put(out)
             if started and not inflater.eof:
                 raise Rejected("the archive's gzip stream is truncated")
             self._queue.put(None)
         except self._zlib.error as error:
             self._queue.put(Rejected(f"the archive is not a valid gzip stream ({error})"))
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001  any failure reaches the reading thread
             self._queue.put(error)
 
     def read(self, size=-1):
@@ -958,7 +955,7 @@ class GzipReader:
         while self._thread.is_alive():
             try:
                 self._queue.get(timeout=0.05)
-            except Exception:
+            except Exception:  # noqa: BLE001, S110  queue.Empty: keep draining until the thread ends
                 pass
         self._source.close()
 
@@ -1033,19 +1030,19 @@ def stage_archive(archive, staging, settings, uid=-1, gid=-1):
     count = 0
     try:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK)
+            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK)  # noqa: SIM115  reader owns the file
         except tarfile.ReadError as error:
             raise Rejected(f"the archive is not a tar stream ({error})")
         while True:
             try:
                 member = tar.next()
             except tarfile.TarError as error:
-                raise Rejected("the archive is corrupt after %d members (%s)" % (count, error))
+                raise Rejected(f"the archive is corrupt after {count} members ({error})")
             if member is None:
                 break
             count += 1
             if count > settings.max_members:
-                raise Rejected("the archive holds more than %d members: refused" % settings.max_members)
+                raise Rejected(f"the archive holds more than {settings.max_members} members: refused")
             rel = _clean_member_name(member.name)
             kind = _member_kind(member, rel)
             if not rel:
@@ -1062,7 +1059,7 @@ def stage_archive(archive, staging, settings, uid=-1, gid=-1):
             if kind == "file":
                 total += member.size
                 if total > settings.max_unpacked:
-                    raise Rejected("the archive unpacks to more than %d MB: refused" % (settings.max_unpacked >> 20))
+                    raise Rejected(f"the archive unpacks to more than {settings.max_unpacked >> 20} MB: refused")
             elif kind == "link":
                 symlinks[rel] = member.linkname
                 _resolve_link(rel, member.linkname, symlinks)
@@ -1258,7 +1255,7 @@ class Service:
     def _run(self, *args):
         command = self.settings.systemctl + list(args)
         try:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            done = subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as error:
             return 127, _error_text(error)
@@ -1268,7 +1265,8 @@ class Service:
         code, output = self._run(*args)
         if code:
             last = output.splitlines()[-1] if output else "no output"
-            raise UpdateError("'systemctl %s' failed (exit %d: %s)" % (" ".join(args), code, last))
+            command = " ".join(args)
+            raise UpdateError(f"'systemctl {command}' failed (exit {code}: {last})")
 
     def stop(self):
         self.call("stop", self.settings.service)
@@ -1285,7 +1283,7 @@ class Service:
             if code == 0:
                 return
             if time.monotonic() >= deadline:
-                raise UpdateError("service {} is not active ({})".format(self.settings.service, output or "exit %d" % code))
+                raise UpdateError("service {} is not active ({})".format(self.settings.service, output or f"exit {code}"))
             time.sleep(0.5)
 
 
@@ -1301,7 +1299,7 @@ def health_gate(settings, service, log):
                 connection.close()
                 if 200 <= response.status < 300:
                     break
-                problem = "HTTP %d" % response.status
+                problem = f"HTTP {response.status}"
             except UpdateError as error:
                 problem = str(error)
             if time.monotonic() >= deadline:
@@ -1315,15 +1313,16 @@ def health_gate(settings, service, log):
 
 def _run_checked(command, what, timeout):
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        done = subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UpdateError("%s did not finish within %d s" % (what, timeout))
+        raise UpdateError(f"{what} did not finish within {timeout:.0f} s")
     except OSError as error:
         raise UpdateError(f"{what} could not run: {_error_text(error)}")
     if done.returncode:
         lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
-        raise UpdateError("%s failed (exit %d: %s)" % (what, done.returncode, lines[-1] if lines else "no output"))
+        last = lines[-1] if lines else "no output"
+        raise UpdateError(f"{what} failed (exit {done.returncode}: {last})")
 
 
 def check_nginx(settings):
@@ -1406,7 +1405,7 @@ class Plan:
     def apply(self):
         lexists = os.path.lexists
         for index, (op, rel, kind, before) in enumerate(self.rows):
-            crash_point("swap:%d" % index)
+            crash_point(f"swap:{index}")
             live, staged, saved = self._paths(rel)
             if op == "remove":
                 if lexists(live) and not lexists(saved):
@@ -1490,7 +1489,7 @@ class Journal:
 
 def new_txn_dir(settings):
     now = time.time()   # ids sort in time order: backups are pruned oldest first
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + ".%06d" % (now % 1 * 1e6)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
     path = settings.state("txn", f"{stamp}-{os.urandom(3).hex()}")
     os.makedirs(path, 0o700)
     return path
@@ -1532,14 +1531,14 @@ class Installer:
             to_version = version or staged.version
             if not to_version:
                 raise Rejected("cannot tell the archive's version (no XC_VM_VERSION define): pass --version TAG")
-            self.log.info("staged %d entries of %s in %.1f s" % (len(staged.entries), to_version, time.monotonic() - started))
+            self.log.info(f"staged {len(staged.entries)} entries of {to_version} in {time.monotonic() - started:.1f} s")
             removals = obsolete_files(settings, staged)
             write_json_atomic(os.path.join(txn_dir, "manifest.json"), staged.manifest())
             write_json_atomic(os.path.join(txn_dir, "manifest.before.json"),
                               _read_json(settings.state("manifest.json")) or [])
             os.sync()   # staged bytes on disk before the live tree depends on them
             self.journal.step("staged", to_version=to_version, archive_sha256=sha256)
-        except BaseException as error:
+        except BaseException as error:   # whatever stops us, nothing may stay half-staged
             _remove_tree(txn_dir)
             if isinstance(error, OSError):
                 error = UpdateError(describe_os_error(error, "staging the update"))
@@ -1547,7 +1546,7 @@ class Installer:
             self.journal.finish(outcome, str(error) or type(error).__name__)
             self.ctx.record("update {} -> {} {} before any change: {}".format(
                 from_version, version or "?", outcome, error), status=1)
-            raise error
+            raise
         self._swap_and_gate(lambda: Plan.build(settings.root, txn_dir, staged.entries, removals))
         return self.journal.data
 
@@ -1571,7 +1570,7 @@ class Installer:
             downtime = time.monotonic() - stopped_at
             health_gate(self.settings, self.service, self.log)
             self.journal.step("started", downtime_seconds=round(downtime, 3))
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001  whatever fails after the stop, the old tree comes back
             reason = str(error) or type(error).__name__
             self.log.error("{} {} -> {} failed after the stop: {}".format(
                 data["kind"], data["from_version"], data["to_version"], reason))
@@ -1623,7 +1622,7 @@ class Installer:
             self.service.daemon_reload()
             self.service.start()
             self.service.wait_active(time.monotonic() + self.settings.health_timeout)
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001  the operator must hear of any failure here
             problem = str(error) or type(error).__name__
             self.journal.finish("rollback_failed", f"{reason}; then the rollback failed: {problem}")
             self.ctx.record("ROLLBACK FAILED for {} -> {}: {}".format(data["from_version"], data["to_version"], problem), status=4)
@@ -1674,7 +1673,7 @@ class Installer:
     def rollback(self):
         backups = list_backups(self.settings)
         if not backups:
-            raise UpdateError("no backup is kept (keep_backups = %d): nothing to roll back to" % self.settings.keep_backups)
+            raise UpdateError(f"no backup is kept (keep_backups = {self.settings.keep_backups}): nothing to roll back to")
         meta = backups[0]
         installed = self.ctx.installed_version()
         if meta.get("to_version") and installed and installed != meta["to_version"]:
@@ -1785,11 +1784,11 @@ class Context:
         """action(db), or None with a warning when the database fails."""
         try:
             return action(self.db())
-        except Exception as error:   # DatabaseUnavailable or any PyMySQL error
+        except Exception as error:  # noqa: BLE001  DatabaseUnavailable or any PyMySQL error
             if not isinstance(error, UpdateError):
                 self._db_problem = f"database error: {_db_error_text(error)}"
                 self.close()
-            self.log.warning("%s (the step goes on without it)" % (self._db_problem or error))
+            self.log.warning(f"{self._db_problem or error} (the step goes on without it)")
             return None
 
     def record(self, message, status=None):
@@ -1810,7 +1809,7 @@ class Context:
         if self._db is not None:
             try:
                 self._db.close()
-            except Exception:
+            except Exception:  # noqa: BLE001, S110  closing a broken connection may fail too
                 pass
             self._db = None
 
@@ -1833,8 +1832,8 @@ def finalize(ctx):
         db.set_installed(version)
         propagate = pending is None or pending.get("kind") == "install"
         signalled = db.propagate_to_lbs() if propagate and db.is_main() else 0
-        db.syslog("update to {} complete{}".format(version, "; %d load balancers signalled" % signalled if signalled else ""))
-    except Exception as error:
+        db.syslog("update to {} complete{}".format(version, f"; {signalled} load balancers signalled" if signalled else ""))
+    except Exception as error:  # noqa: BLE001  any PyMySQL error leaves the finalize pending
         problem = str(error) if isinstance(error, UpdateError) else _db_error_text(error)
         if pending:
             journal.step("committed", error="finalize pending: " + problem)
@@ -1842,7 +1841,7 @@ def finalize(ctx):
     if pending:
         journal.data["lb_signals"] = signalled
         journal.finish("finalized")
-    ctx.log.info("{} finalized{}".format(version, "; %d load balancers signalled" % signalled if signalled else ""))
+    ctx.log.info("{} finalized{}".format(version, f"; {signalled} load balancers signalled" if signalled else ""))
     return version, signalled
 
 
@@ -1867,9 +1866,8 @@ def _install_locked(ctx, archive, expected, version):
     if installer.journal.data:      # a finalize from an earlier install
         _finalize_quietly(ctx)
     data = installer.install(archive, expected, version)
-    ctx.log.info("installed %s (was %s): %d added, %d replaced, %d removed, downtime %.2f s" % (
-        data["to_version"], data["from_version"], data.get("added", 0), data.get("replaced", 0),
-        data.get("removed", 0), data.get("downtime_seconds") or 0))
+    ctx.log.info("installed {to_version} (was {from_version}): {added} added, {replaced} replaced, "
+                 "{removed} removed, downtime {downtime_seconds:.2f} s".format_map(data))
     _finalize_quietly(ctx)
     if os.path.abspath(archive) == ctx.settings.download_path:
         _unlink_quietly(archive)
@@ -1894,7 +1892,7 @@ def _escape_service_cgroup(settings, args):
     systemd_run = shutil.which("systemd-run")
     if not inside or not systemd_run or os.environ.get("XCVM_UPDATE_DETACHED"):
         return False
-    unit = "xcvm-update-install-%d" % time.time()
+    unit = f"xcvm-update-install-{time.time()}"
     subprocess.run([systemd_run, "--quiet", "--collect", "--unit", unit, "--setenv=XCVM_UPDATE_DETACHED=1",
                     sys.executable, _program_path()] + _global_flags(args) +
                    ["install", args.archive, args.hash] + (["--version", args.version] if args.version else []),
@@ -2036,7 +2034,7 @@ def cmd_poll(ctx, args):
         except DatabaseUnavailable as error:   # cron mails stderr: a down DB is logged, not mailed
             log.quiet_info(f"poll: {error}")
             return EXIT_ERROR
-        except Exception as error:
+        except Exception as error:   # PyMySQL's errors, without importing it on this path
             if type(error).__module__.split(".")[0] != "pymysql":
                 raise
             log.quiet_info(f"poll: database error: {_db_error_text(error)}")
@@ -2221,7 +2219,7 @@ def database_server(workdir):
                     "--skip-test-db"] + as_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     process = subprocess.Popen(
         [mariadbd, "--no-defaults", "--datadir=" + data, "--socket=" + os.path.join(workdir, "mariadb.sock"),
-         "--port=%d" % port, "--bind-address=127.0.0.1", "--pid-file=" + os.path.join(workdir, "mariadb.pid"),
+         f"--port={port}", "--bind-address=127.0.0.1", "--pid-file=" + os.path.join(workdir, "mariadb.pid"),
          "--log-error=" + os.path.join(workdir, "mariadb.err")] + as_root,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -2256,9 +2254,9 @@ def write_panel_config(path, server, database, server_id=1, is_lb=False):
     host, port, user, password = server[:4]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as handle:
-        handle.write('[XC_VM]\nhostname = "%s"\ndatabase = "%s"\nport = %d\nserver_id = %d\n%s'
-                     '[Encrypted]\nusername = "%s"\npassword = "%s"\n' % (
-                         host, database, port, server_id, "is_lb = 1\n" if is_lb else "", user, password))
+        lb_line = "is_lb = 1\n" if is_lb else ""
+        handle.write(f'[XC_VM]\nhostname = "{host}"\ndatabase = "{database}"\nport = {port}\nserver_id = {server_id}\n'
+                     f'{lb_line}[Encrypted]\nusername = "{user}"\npassword = "{password}"\n')
 
 
 def build_release(path, version, files):
@@ -2309,7 +2307,7 @@ class ReleaseServer:
         self.assets = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         for httpd in (self.api, self.assets):
             threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        self.api_base = "http://127.0.0.1:%d" % self.api.server_port
+        self.api_base = f"http://127.0.0.1:{self.api.server_port}"
 
     def add_release(self, tag, assets, prerelease=False, digest=True):
         """Publish the named files of folder as a release's assets (copied to
@@ -2339,7 +2337,7 @@ class ReleaseServer:
                 return self.reply(request, 200, body, {"ETag": etag, "Content-Type": "application/json"})
             prefix = f"/{self.repo}/releases/download/"
             if path.startswith(prefix):
-                location = "http://127.0.0.1:%d/assets/%s" % (self.assets.server_port, path[len(prefix):])
+                location = f"http://127.0.0.1:{self.assets.server_port}/assets/{path[len(prefix):]}"
                 return self.reply(request, 302, b"", {"Location": location})
             return self.reply(request, 404, b'{"message": "Not Found"}')
         tag, _, name = path[len("/assets/"):].partition("/")
@@ -2355,12 +2353,12 @@ class ReleaseServer:
         if match:
             start = int(match.group(1))
             if start >= size:
-                return self.reply(request, 416, b"", {"Content-Range": "bytes */%d" % size})
+                return self.reply(request, 416, b"", {"Content-Range": f"bytes */{size}"})
         request.send_response(206 if match else 200)
         request.send_header("Content-Length", str(size - start))
         request.send_header("Content-Type", "application/octet-stream")
         if match:
-            request.send_header("Content-Range", "bytes %d-%d/%d" % (start, size - 1, size))
+            request.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         request.end_headers()
         with open(path, "rb") as handle:
             handle.seek(start)
@@ -2400,14 +2398,14 @@ def cmd_demo(ctx, args):
         build_release(os.path.join(sandbox, "installed.tar.gz"), "1.0.0", www)
         _extract_plainly(os.path.join(sandbox, "installed.tar.gz"), root)
         for number in range(200):
-            _write_file(os.path.join(root, "content", "vod", "%03d.ts" % number), b"\0" * 1024)
+            _write_file(os.path.join(root, "content", "vod", f"{number:03d}.ts"), b"\0" * 1024)
         _write_file(os.path.join(root, "bin", "nginx", "conf", "custom.conf"), b"# the operator's own\n")
         new = dict(www, **{"www/index.php": b"<?php echo 'panel 1.1.0';\n", "www/new_page.php": b"<?php\n",
                            "migrations/deleted_files.txt": b"www/old_page.php\n",
                            "bin/nginx/conf/custom.conf": b"# would clobber the operator's file: preserved\n"})
         del new["www/old_page.php"]
         for number in range(300):
-            new["www/assets/%03d.js" % number] = b"// asset %d\n" % number
+            new[f"www/assets/{number:03d}.js"] = b"// asset %d\n" % number
         build_release(os.path.join(sandbox, "releases", "xc_vm.tar.gz"), "1.1.0", new)
         build_release(os.path.join(sandbox, "releases", "loadbalancer.tar.gz"), "1.1.0", new)
         releases.add_release("v1.1.0", ["xc_vm.tar.gz", "loadbalancer.tar.gz"])
@@ -2419,7 +2417,7 @@ def cmd_demo(ctx, args):
         os.makedirs(os.path.join(root, ".xcvm-update"), 0o700)   # ours: install runs in-process
         settings_file = os.path.join(sandbox, "xcvm-update.ini")
         _write_file(settings_file, b"[xcvm-update]\nhealth_timeout = 10\n")
-        owner = "%d:%d" % (os.geteuid(), os.getegid())
+        owner = f"{os.geteuid()}:{os.getegid()}"
         flags = ["--root", root, "--settings", settings_file, "--systemctl", systemctl, "--owner", owner,
                  "--api-base", releases.api_base, "-q"]
         if server:
@@ -2434,7 +2432,8 @@ def cmd_demo(ctx, args):
                 cursor.execute("INSERT INTO signals (server_id, time, custom_data) VALUES (1, %s, %s)",
                                (now, json.dumps({"action": "update"})))
             write_panel_config(os.path.join(root, "config", "config.ini"), server, database)
-            say("database: %s on %s:%d%s" % (database, server[0], server[1], " (private mariadbd)" if server[4] else ""))
+            private = " (private mariadbd)" if server[4] else ""
+            say(f"database: {database} on {server[0]}:{server[1]}{private}")
             say("admin clicked Update: signal inserted for server 1; running the cron's poll ...")
             command = "poll"
         else:
@@ -2445,7 +2444,7 @@ def cmd_demo(ctx, args):
             command = "update"
         started = time.monotonic()
         code = main(flags + [command])
-        say("%s exited %d in %.2f s" % (command, code, time.monotonic() - started))
+        say(f"{command} exited {code} in {time.monotonic() - started:.2f} s")
         _demo_account(root, sandbox, admin)
         return code
     finally:
@@ -2471,9 +2470,10 @@ def _demo_account(root, sandbox, admin):
     print("verified: sha256 {} (the asset's digest), re-hashed from a private copy by install".format((result.get("archive_sha256") or "?")[:16]))
     print("files: {} added, {} replaced, {} removed; downtime {:.3f} s".format(
         result.get("added"), result.get("replaced"), result.get("removed"), result.get("downtime_seconds") or 0))
-    print("now installed: %s; operator's custom.conf kept: %s; content/ files: %d" % (
-        tree_version(root), open(os.path.join(root, "bin/nginx/conf/custom.conf")).read().startswith("# the operator"),
-        len(os.listdir(os.path.join(root, "content", "vod")))))
+    with open(os.path.join(root, "bin/nginx/conf/custom.conf")) as handle:
+        kept = handle.read().startswith("# the operator")
+    segments = len(os.listdir(os.path.join(root, "content", "vod")))
+    print(f"now installed: {tree_version(root)}; operator's custom.conf kept: {kept}; content/ files: {segments}")
     try:
         with open(os.path.join(sandbox, "systemctl.calls")) as handle:
             print("systemctl calls: " + ", ".join(line.strip() for line in handle))
@@ -2586,8 +2586,7 @@ def main(argv=None):
     if args.command == "install" and os.environ.get("SUDO_UID", "0") != "0":
         given = [dest for dest, _, _ in GLOBAL_OPTIONS if getattr(args, dest) is not None]
         if given:   # a sudoers rule for install must not let its caller choose what root runs
-            sys.stderr.write("error: install through sudo takes no --%s: set it in /etc/xcvm-update.ini\n"
-                             % given[0].replace("_", "-"))
+            sys.stderr.write("error: install through sudo takes no --{}: set it in /etc/xcvm-update.ini\n".format(given[0].replace("_", "-")))
             return EXIT_USAGE
     try:
         settings = load_settings(args)

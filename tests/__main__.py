@@ -22,15 +22,15 @@ def main():
         os.environ["XCVM_UPDATE_TARGET"] = os.path.abspath(args.target)
     loader = unittest.TestLoader()
     if args.patterns:
-        loader.testNamePatterns = ["*%s*" % pattern for pattern in args.patterns]
+        loader.testNamePatterns = [f"*{pattern}*" for pattern in args.patterns]
     suite = loader.discover(HERE, top_level_dir=os.path.dirname(HERE))
     result = unittest.TextTestRunner(verbosity=2 if args.verbose else 1).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
-    print("target: %s (Python %s)%s" % (os.environ.get("XCVM_UPDATE_TARGET", "xcvm_update.py"),
-                                        sys.version.split()[0], ", %d skipped" % skipped if skipped else ""))
-    print("%d passed, %d failed" % (passed, failed))
+    print("target: {} (Python {}){}".format(os.environ.get("XCVM_UPDATE_TARGET", "xcvm_update.py"),
+                                        sys.version.split()[0], f", {skipped} skipped" if skipped else ""))
+    print(f"{passed} passed, {failed} failed")
     return 1 if failed or not result.testsRun else 0
 
 

@@ -22,7 +22,7 @@ import unittest
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT)
 
-import xcvm_update  # noqa: E402  (after the path is set)
+import xcvm_update
 
 TARGET = os.environ.get("XCVM_UPDATE_TARGET") or os.path.join(PROJECT, "xcvm_update.py")
 TEST_USER = "xcvm-test"
@@ -61,7 +61,7 @@ exit 0
 def owner_spec():
     """The real second user that installed files must end up owned by."""
     if not IS_ROOT:
-        return "%d:%d" % (os.geteuid(), os.getegid())
+        return f"{os.geteuid()}:{os.getegid()}"
     try:
         import pwd
 
@@ -69,7 +69,7 @@ def owner_spec():
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin",
                         TEST_USER], check=True)
-    return "%s:%s" % (TEST_USER, TEST_USER)
+    return f"{TEST_USER}:{TEST_USER}"
 
 
 def snapshot(root, skip=(".xcvm-update",)):
@@ -106,7 +106,7 @@ class Result:
         self.err = done.stderr
 
     def __repr__(self):
-        return "exit %d\nstdout: %s\nstderr: %s" % (self.code, self.out, self.err)
+        return f"exit {self.code}\nstdout: {self.out}\nstderr: {self.err}"
 
 
 class Node:
@@ -120,7 +120,7 @@ class Node:
         self.root = os.path.join(self.dir, "root")
         if tmpfs_size:
             os.makedirs(self.root)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % tmpfs_size, "tmpfs", self.root], check=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size}", "tmpfs", self.root], check=True)
             test.addCleanup(subprocess.run, ["umount", "-l", self.root])
         self.state = os.path.join(self.root, ".xcvm-update")
         self.owner = owner_spec()
@@ -129,7 +129,7 @@ class Node:
         for rel, data in files.items():
             self.write(rel, data, 0o755 if rel == "status" else 0o644)
         for number in range(content_files):
-            self.write("content/streams/%05d.ts" % number, b"segment %d\n" % number)
+            self.write(f"content/streams/{number:05d}.ts", b"segment %d\n" % number)
         self.write("bin/nginx/conf/custom.conf", b"# the operator's own\n")
         self.write("config/config.ini", b"[XC_VM]\nhostname = \"127.0.0.1\"\ndatabase = \"none\"\nport = 9\n"
                    b"server_id = 1\n[Encrypted]\nusername = \"nobody\"\npassword = \"s3cret-db-pass\"\n")
@@ -170,9 +170,10 @@ class Node:
 
     def run(self, *args, env=None, timeout=120):
         environment = dict(os.environ, **(env or {}))
-        environment.pop("GITHUB_TOKEN", None) if "GITHUB_TOKEN" not in (env or {}) else None
-        done = subprocess.run(self.command(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout, env=environment, universal_newlines=True)
+        if "GITHUB_TOKEN" not in (env or {}):
+            environment.pop("GITHUB_TOKEN", None)
+        done = subprocess.run(self.command(*args), check=False, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, env=environment, text=True)
         return Result(done)
 
     def start(self, *args, env=None):
@@ -277,12 +278,12 @@ class PanelDatabase:
 
     def __init__(self, test):
         self.server = self.server_for(test)
-        self.name = "xcvm_test_%s" % os.urandom(4).hex()
+        self.name = f"xcvm_test_{os.urandom(4).hex()}"
         self.conn = xcvm_update.create_panel_database(self.server, self.name)
         test.addCleanup(self.drop)
 
     def drop(self):
-        self.execute("DROP DATABASE IF EXISTS `%s`" % self.name)
+        self.execute(f"DROP DATABASE IF EXISTS `{self.name}`")
         if getattr(self, "test_cleanup_user", None):
             self.execute(self.test_cleanup_user)
         self.conn.close()
@@ -296,19 +297,19 @@ class PanelDatabase:
         """A database account of this test's own, that a test can lock."""
         self.user = "xt_" + os.urandom(4).hex()
         self.password = "pw-" + os.urandom(6).hex()
-        self.execute("CREATE USER '%s'@'%%' IDENTIFIED BY '%s'" % (self.user, self.password))
-        self.execute("GRANT ALL ON `%s`.* TO '%s'@'%%'" % (self.name, self.user))
+        self.execute(f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}'")
+        self.execute(f"GRANT ALL ON `{self.name}`.* TO '{self.user}'@'%'")
         self.server = self.server[:2] + (self.user, self.password)
-        self.test_cleanup_user = "DROP USER IF EXISTS '%s'@'%%'" % self.user
+        self.test_cleanup_user = f"DROP USER IF EXISTS '{self.user}'@'%'"
         return self
 
     def lock_user(self, locked=True):
-        self.execute("ALTER USER '%s'@'%%' ACCOUNT %s" % (self.user, "LOCK" if locked else "UNLOCK"))
+        self.execute("ALTER USER '{}'@'%' ACCOUNT {}".format(self.user, "LOCK" if locked else "UNLOCK"))
 
     def add_server(self, server_id, is_main=0, enabled=1, status=1, checked_ago=5, version="1.0.0"):
         self.execute("INSERT INTO servers (id, server_name, is_main, enabled, status, last_check_ago, xc_vm_version)"
                      " VALUES (%s, %s, %s, %s, %s, UNIX_TIMESTAMP() - %s, %s)",
-                     (server_id, "server-%d" % server_id, is_main, enabled, status, checked_ago, version))
+                     (server_id, f"server-{server_id}", is_main, enabled, status, checked_ago, version))
 
     def signal(self, server_id, data='{"action":"update"}', cache=0):
         self.execute("INSERT INTO signals (server_id, time, custom_data, cache) VALUES (%s, UNIX_TIMESTAMP(), %s, %s)",
@@ -367,7 +368,7 @@ class FakeGitHub(xcvm_update.ReleaseServer):
         request.send_response(206 if ranged else 200)
         request.send_header("Content-Length", str(len(body)))
         if ranged:
-            request.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+            request.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         request.end_headers()
         if self.cut_at:
             cut = self.cut_at.pop(0) - start

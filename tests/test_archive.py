@@ -6,7 +6,14 @@ import gzip
 import os
 import unittest
 
-from tests.support import VERSION_MEMBER, Node, file_sha256, needs_root, snapshot, tar_gz
+from tests.support import (
+    VERSION_MEMBER,
+    Node,
+    file_sha256,
+    needs_root,
+    snapshot,
+    tar_gz,
+)
 
 
 @needs_root
@@ -85,7 +92,7 @@ class HostileArchiveTest(unittest.TestCase):
                     "a file where the archive has a directory")
 
     def test_too_many_members(self):
-        members = [("file", "www/f%03d" % n, b"", 0o644) for n in range(60)]
+        members = [("file", f"www/f{n:03d}", b"", 0o644) for n in range(60)]
         self.reject(members, "more than 50 members", settings="max_members = 50\n")
 
     def test_total_size_over_the_limit(self):

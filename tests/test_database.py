@@ -47,7 +47,7 @@ class PollTest(unittest.TestCase):
         self.assertEqual([(row[0], row[1]) for row in db.signals()], [(2, UPDATE)], "only the LB's new signal remains")
         syslog = db.syslog()
         for expected in ("claimed", "downloaded and verified", "committed", "complete; 1 load balancers signalled"):
-            self.assertTrue(any(expected in line for line in syslog), "%s not in %s" % (expected, syslog))
+            self.assertTrue(any(expected in line for line in syslog), f"{expected} not in {syslog}")
         self.assertEqual(node.state_json("last_result.json")["step"], "finalized")
 
     def test_three_pending_signals_make_one_update(self):
@@ -107,7 +107,7 @@ class PollTest(unittest.TestCase):
                 db.signal(1)
             winners = []
 
-            def claim():
+            def claim(winners=winners):
                 panel = xcvm_update.PanelConfig(os.path.join(node.root, "config", "config.ini"))
                 database = xcvm_update.Database(panel)
                 ids = database.claim_update_signals(lambda ids, force: None)
@@ -119,7 +119,7 @@ class PollTest(unittest.TestCase):
                 thread.start()
             for thread in threads:
                 thread.join()
-            self.assertEqual(len(winners), 1, "attempt %d: %r" % (attempt, winners))
+            self.assertEqual(len(winners), 1, f"attempt {attempt}: {winners!r}")
             self.assertEqual(len(winners[0]), 3)
             self.assertEqual(db.signals(), ())
 
@@ -243,7 +243,7 @@ class NodeConfigTest(unittest.TestCase):
         os.unlink(os.path.join(node.root, "config", "config.ini"))
         result = node.run("poll")
         self.assertEqual(result.code, 1, result)
-        self.assertIn("cannot read %s" % os.path.join(node.root, "config", "config.ini"), result.err)
+        self.assertIn("cannot read {}".format(os.path.join(node.root, "config", "config.ini")), result.err)
 
     def test_missing_key(self):
         self.broken(b'[XC_VM]\nhostname = "h"\ndatabase = "d"\n[Encrypted]\nusername = "u"\n', "server_id")

@@ -8,7 +8,7 @@ import unittest
 
 from tests.support import Node, PanelDatabase, needs_root
 
-RELEASE = {"www/page%02d.php" % n: b"<?php // page %d\n" % n for n in range(12)}
+RELEASE = {f"www/page{n:02d}.php": b"<?php // page %d\n" % n for n in range(12)}
 RELEASE["www/assets/app.js"] = b"// new\n"
 
 
@@ -54,7 +54,7 @@ class CrashMatrixTest(unittest.TestCase):
         if setup:
             setup(node)
         killed = node.run("install", archive, sha, env={"XCVM_UPDATE_CRASH_AT": point})
-        self.assertEqual(killed.code, -9, "%s: the crash point was not reached: %r" % (point, killed))
+        self.assertEqual(killed.code, -9, f"{point}: the crash point was not reached: {killed!r}")
         if setup:
             for name in ("fail-start",):
                 if os.path.exists(os.path.join(node.dir, name)):
@@ -63,7 +63,7 @@ class CrashMatrixTest(unittest.TestCase):
         self.assertTrue(report["in_progress"] or report["finalize_pending"], report)
         recovered = node.run("poll")
         self.assertEqual(recovered.code, 0, recovered)
-        self.assertTrue(node.active(), "%s: the service is not running after recovery" % point)
+        self.assertTrue(node.active(), f"{point}: the service is not running after recovery")
         self.assertFalse(os.path.exists(os.path.join(node.state, "journal.json")))
         last = node.state_json("last_result.json")
         syslog = " | ".join(db.syslog())
@@ -96,7 +96,7 @@ class CrashMatrixTest(unittest.TestCase):
         _, rows = self.new_tree()
         for offset in sorted({0, 1, 2, rows // 3, rows // 2, rows - 2, rows - 1}):
             with self.subTest(offset=offset):
-                self.crash("swap:%d" % offset, "old")
+                self.crash(f"swap:{offset}", "old")
 
     def test_kill_when_swapped(self):
         self.crash("swapped", "old")
@@ -115,7 +115,7 @@ class CrashMatrixTest(unittest.TestCase):
 
     def test_kill_during_the_rollback_command_keeps_the_running_release(self):
         new_tree, _ = self.new_tree()
-        node, db = self.make_node()
+        node, _db = self.make_node()
         archive, sha = node.release("1.1.0", RELEASE)
         self.assertEqual(node.run("install", archive, sha).code, 0)
         self.assertEqual(tree(node), new_tree)
@@ -131,7 +131,7 @@ class CrashMatrixTest(unittest.TestCase):
     def test_install_and_rollback_also_recover_first(self):
         for command in ("install", "rollback"):
             with self.subTest(command=command):
-                node, db = self.make_node()
+                node, _db = self.make_node()
                 old_tree = node.snapshot()
                 archive, sha = node.release("1.1.0", RELEASE)
                 self.assertEqual(node.run("install", archive, sha, env={"XCVM_UPDATE_CRASH_AT": "swap:3"}).code, -9)
@@ -170,7 +170,7 @@ class EnvironmentFaultTest(unittest.TestCase):
         node.wait_for(lambda: "start xc_vm" in node.calls(), "the install to start the service")
         db.lock_user()
         node.remove("block-start")
-        out, err = install.communicate(timeout=60)
+        _out, err = install.communicate(timeout=60)
         self.assertEqual(install.returncode, 0, err)
         self.assertIn("finalize of 1.1.0 is pending", err)
         self.assertNotIn(db.password, err)
@@ -192,7 +192,7 @@ class EnvironmentFaultTest(unittest.TestCase):
         db.add_server(1, is_main=1)
         db.execute("UPDATE settings SET auto_update_lbs = 0")
         node = Node(self, database=db)
-        archive, sha = node.release("1.1.0")
+        _archive, _sha = node.release("1.1.0")
         github = __import__("tests.support", fromlist=["FakeGitHub"]).FakeGitHub(self, node.releases)
         github.add_release("v1.1.0", ["xc_vm.tar.gz"])
         db.signal(1)
@@ -202,7 +202,7 @@ class EnvironmentFaultTest(unittest.TestCase):
         db.signal(1)
         db.signal(1, '{"action":"restart_services"}')
         node.remove("block-stop")
-        out, err = poll.communicate(timeout=60)
+        _out, err = poll.communicate(timeout=60)
         self.assertEqual(poll.returncode, 0, err)
         self.assertEqual(node.version(), "1.1.0")
         self.assertEqual(len(db.signals()), 2, "the new update signal or the foreign one was consumed")

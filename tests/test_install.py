@@ -51,14 +51,14 @@ class InstallTest(unittest.TestCase):
             self.assertEqual(tree[rel][2], uid, rel)
         for rel, entry in tree.items():
             if rel.startswith(("content", "config", "bin/nginx/conf/custom.conf")):
-                self.assertEqual(entry[2], 0, "%s was chowned" % rel)
+                self.assertEqual(entry[2], 0, f"{rel} was chowned")
 
     def test_modes_lose_setuid_and_group_write(self):
         node = Node(self)
-        archive, sha = node.release("1.1.0")
-        import tarfile
-        import io
+        archive, _sha = node.release("1.1.0")
         import gzip
+        import io
+        import tarfile
 
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w") as tar, tarfile.open(archive) as source:
@@ -85,7 +85,7 @@ class InstallTest(unittest.TestCase):
     def test_wrong_hash_changes_nothing(self):
         node = Node(self)
         before = node.snapshot()
-        archive, sha = node.release("1.1.0")
+        archive, _sha = node.release("1.1.0")
         result = node.run("install", archive, "sha256:" + "0" * 64)
         self.assertEqual(result.code, 3, result)
         self.assertIn("expected " + "0" * 64, result.err)

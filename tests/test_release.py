@@ -7,7 +7,14 @@ import os
 import time
 import unittest
 
-from tests.support import FakeGitHub, Node, PanelDatabase, file_sha256, needs_root, xcvm_update
+from tests.support import (
+    FakeGitHub,
+    Node,
+    PanelDatabase,
+    file_sha256,
+    needs_root,
+    xcvm_update,
+)
 
 
 def setup(test, version="1.0.0", is_main=1, channel="stable"):
@@ -29,13 +36,17 @@ def publish(node, github, tag, prerelease=False, digest=True, hashes=None, size=
         names.append(name)
     if hashes:
         algorithm = hashlib.sha256 if hashes == "sha256" else hashlib.md5
-        lines = ["%s  %s" % (algorithm(open(os.path.join(node.releases, n), "rb").read()).hexdigest(), n)
-                 for n in names]
+        lines = [f"{file_digest(os.path.join(node.releases, name), algorithm)}  {name}" for name in names]
         with open(os.path.join(node.releases, "hashes." + hashes), "w") as handle:
             handle.write("\n".join(lines) + "\n")
         names.append("hashes." + hashes)
     github.add_release(tag, names, prerelease=prerelease, digest=digest)
     return file_sha256(os.path.join(node.releases, "xc_vm.tar.gz"))
+
+
+def file_digest(path, algorithm):
+    with open(path, "rb") as handle:
+        return algorithm(handle.read()).hexdigest()
 
 
 def check(node, github, *extra, env=None):
@@ -47,7 +58,7 @@ def check(node, github, *extra, env=None):
 class ReleaseMetadataTest(unittest.TestCase):
 
     def test_check_reports_an_update_and_touches_nothing(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         before = node.snapshot()
         result, report = check(node, github)
@@ -59,17 +70,17 @@ class ReleaseMetadataTest(unittest.TestCase):
         self.assertEqual(node.calls(), [])
 
     def test_check_up_to_date_exits_0(self):
-        node, db, github = setup(self, version="1.1.0")
+        node, _db, github = setup(self, version="1.1.0")
         publish(node, github, "v1.1.0")
         result, report = check(node, github)
         self.assertEqual(result.code, 0, result)
         self.assertFalse(report["update_available"])
 
     def test_versions_compare_as_versions_not_strings(self):
-        node, db, github = setup(self, version="2.9.3")
+        node, _db, github = setup(self, version="2.9.3")
         publish(node, github, "v2.10.0")
         publish(node, github, "v2.9.4")
-        result, report = check(node, github)
+        _result, report = check(node, github)
         self.assertEqual(report["newest_release"], "v2.10.0")
 
     def test_stable_skips_prereleases_and_drafts_beta_takes_them(self):
@@ -83,7 +94,7 @@ class ReleaseMetadataTest(unittest.TestCase):
         self.assertEqual(check(node, github, "--channel", "stable")[1]["newest_release"], "v1.1.0")
 
     def test_lb_takes_the_loadbalancer_asset(self):
-        node, db, github = setup(self, is_main=0)
+        node, _db, github = setup(self, is_main=0)
         publish(node, github, "v1.1.0")
         self.assertEqual(check(node, github)[1]["asset"], "loadbalancer.tar.gz")
 
@@ -101,7 +112,7 @@ class ReleaseMetadataTest(unittest.TestCase):
         self.assertNotIn("secret-pw", result.err)
 
     def test_token_goes_to_the_api_and_never_to_the_asset_host(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         result = node.run("--api-base", github.api_base, "update", env={"GITHUB_TOKEN": "tok-123"})
         self.assertEqual(result.code, 0, result)
@@ -114,7 +125,7 @@ class ReleaseMetadataTest(unittest.TestCase):
             self.assertNotIn("tok-123", handle.read() + result.err)
 
     def test_release_list_is_cached_with_its_etag(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         node.run("--api-base", github.api_base, "update", "--download-only")
         github.requests.clear()
@@ -124,7 +135,7 @@ class ReleaseMetadataTest(unittest.TestCase):
         self.assertTrue(listing[0].get("If-None-Match"), listing)
 
     def test_rate_limit_says_when_to_retry(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         github.rate_limited = True
         result = node.run("--api-base", github.api_base, "update")
         self.assertEqual(result.code, 1, result)
@@ -158,7 +169,7 @@ class ReleaseMetadataTest(unittest.TestCase):
         self.rejected("no hash for xc_vm.tar.gz", prepare)
 
     def test_unknown_wanted_tag(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         result = node.run("--api-base", github.api_base, "update", "--version", "v7.7.7")
         self.assertEqual(result.code, 3, result)
@@ -185,20 +196,20 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertEqual(redirected, ["/assets/v1.1.0/xc_vm.tar.gz"])
 
     def test_update_with_a_hashes_sha256_asset(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0", digest=False, hashes="sha256")
         self.update(node, github)
         self.assertEqual(node.version(), "1.1.0")
 
     def test_update_with_only_md5_is_accepted_and_called_weak(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0", digest=False, hashes="md5")
         result = self.update(node, github)
         self.assertIn("MD5 is weak", result.err)
         self.assertEqual(node.version(), "1.1.0")
 
     def test_equal_version_needs_force_older_needs_an_explicit_tag(self):
-        node, db, github = setup(self, version="1.1.0")
+        node, _db, github = setup(self, version="1.1.0")
         publish(node, github, "v1.0.0")
         publish(node, github, "v1.1.0")
         result = self.update(node, github)
@@ -212,37 +223,37 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertEqual(node.calls().count("stop xc_vm"), 3)
 
     def test_download_only(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         sha = publish(node, github, "v1.1.0")
         result = self.update(node, github, "--download-only")
         target = os.path.join(node.root, "tmp", ".update.tar.gz")
-        self.assertEqual(result.out.strip(), "%s sha256:%s" % (target, sha))
+        self.assertEqual(result.out.strip(), f"{target} sha256:{sha}")
         self.assertEqual(file_sha256(target), sha)
         self.assertEqual(node.version(), "1.0.0")
         self.assertEqual(node.calls(), [])
 
     def test_manual_url_and_sha256(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         sha = publish(node, github, "v1.1.0")
-        url = "http://127.0.0.1:%d/assets/v1.1.0/xc_vm.tar.gz" % github.assets.server_port
+        url = f"http://127.0.0.1:{github.assets.server_port}/assets/v1.1.0/xc_vm.tar.gz"
         self.update(node, github, "--url", url, "--sha256", sha)
         self.assertEqual(node.version(), "1.1.0")
         result = self.update(node, github, "--url", url, expect=1)
         self.assertIn("--url needs --sha256", result.err)
 
     def test_dropped_connections_resume_with_range(self):
-        node, db, github = setup(self)
-        publish(node, github, "v1.1.0", **{})
+        node, _db, github = setup(self)
+        publish(node, github, "v1.1.0")
         size = os.path.getsize(os.path.join(node.releases, "xc_vm.tar.gz"))
         github.cut_at = [size // 3, size * 2 // 3]
         result = self.update(node, github)
         self.assertIn("retrying", result.err)
         ranges = [h.get("Range") for port, _, h in github.requests if port == github.assets.server_port]
-        self.assertEqual(ranges, [None, "bytes=%d-" % (size // 3), "bytes=%d-" % (size * 2 // 3)])
+        self.assertEqual(ranges, [None, f"bytes={size // 3}-", f"bytes={size * 2 // 3}-"])
         self.assertEqual(node.version(), "1.1.0")
 
     def test_server_that_ignores_range_restarts_cleanly(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         size = os.path.getsize(os.path.join(node.releases, "xc_vm.tar.gz"))
         github.cut_at = [size // 2]
@@ -252,7 +263,7 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertEqual(node.version(), "1.1.0")
 
     def test_download_cut_too_often_fails_and_keeps_nothing(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         github.cut_at = [10, 20, 30, 40]
         result = self.update(node, github, expect=1)
@@ -270,7 +281,7 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertEqual((node.version(), node.calls(), db.server_row()), ("1.0.0", [], ("1.0.0", 1)))
 
     def test_bytes_past_the_declared_size_stop_the_download(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         github.extra_bytes = 4096
         result = self.update(node, github, expect=3)
@@ -278,7 +289,7 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(node.root, "tmp", ".update.tar.gz")))
 
     def test_a_server_that_never_answers_times_out(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         github.hang_api = True
         started = time.monotonic()
         result = self.update(node, github, expect=1)
@@ -286,7 +297,7 @@ class DownloadAndUpdateTest(unittest.TestCase):
         self.assertIn("timed out", result.err)
 
     def test_progress_bar_only_on_a_terminal(self):
-        node, db, github = setup(self)
+        node, _db, github = setup(self)
         publish(node, github, "v1.1.0")
         result = self.update(node, github, "--download-only")
         self.assertNotIn("\r", result.err)
