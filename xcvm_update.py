@@ -89,6 +89,7 @@ DEFAULT_PRESERVED = (
 VERSION_FILES = ("www/constants.php", "www/stream/init.php", "core/Config/AppConfig.php")
 VERSION_DEFINE = re.compile(rb"""define\(\s*['"]XC_VM_VERSION['"]\s*,\s*['"]([^'"]+)['"]""")
 
+WORK_DIR_NAME = ".xcvm-update-work"   # under ROOT when the state dir is on another filesystem
 UPDATE_ACTION = "update"
 UPDATE_SIGNAL = json.dumps({"action": UPDATE_ACTION}, separators=(",", ":"))   # as the panel writes it
 CHUNK = 1 << 20
@@ -177,6 +178,7 @@ class Settings:
             raise UpdateError(f"channel must be 'stable' or 'beta', not {self.channel!r}: fix --channel or the settings file")
         if self.repo.count("/") != 1:
             raise UpdateError(f"repo must look like OWNER/NAME, not {self.repo!r}")
+        self.preserved.add(WORK_DIR_NAME)
         state_rel = os.path.relpath(self.state_dir, self.root)
         if not state_rel.startswith(".."):
             self.preserved.add(state_rel)
@@ -1490,8 +1492,11 @@ class Journal:
 def new_txn_dir(settings):
     now = time.time()   # ids sort in time order: backups are pruned oldest first
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
-    path = settings.state("txn", f"{stamp}-{os.urandom(3).hex()}")
-    os.makedirs(path, 0o700)
+    folder = work_dir(settings)
+    for private in (folder, os.path.join(folder, "txn")):
+        os.makedirs(private, 0o700, exist_ok=True)
+    path = os.path.join(folder, "txn", f"{stamp}-{os.urandom(3).hex()}")
+    os.mkdir(path, 0o700)
     return path
 
 
@@ -1514,7 +1519,6 @@ class Installer:
     def install(self, archive, expected, version):
         settings = self.settings
         uid, gid = resolve_owner(settings.owner)
-        _check_same_filesystem(settings)
         from_version = self.ctx.installed_version()
         txn_dir = new_txn_dir(settings)
         algorithm, want = expected.split(":", 1)
@@ -1589,9 +1593,10 @@ class Installer:
                 write_json_atomic(self.settings.state("manifest.json"), manifest)
             self.journal.step("committed")
             _unlink_quietly(os.path.join(txn_dir, "archive.tar.gz"))
-            keep = os.path.join(self.settings.state("backups"), data["id"])
+            backups = os.path.join(work_dir(self.settings), "backups")
+            keep = os.path.join(backups, data["id"])
             if os.path.isdir(txn_dir):
-                os.makedirs(self.settings.state("backups"), 0o700, exist_ok=True)
+                os.makedirs(backups, 0o700, exist_ok=True)
                 _write_json_quietly(os.path.join(txn_dir, "txn.json"), data)
                 os.rename(txn_dir, keep)
             self.journal.step("committed", txn_dir=keep)
@@ -1714,7 +1719,7 @@ def obsolete_files(settings, staged):
 
 def list_backups(settings):
     """Kept backups, newest first, as their txn.json records."""
-    folder = settings.state("backups")
+    folder = os.path.join(work_dir(settings), "backups")
     try:
         names = sorted(os.listdir(folder), reverse=True)
     except FileNotFoundError:
@@ -1733,10 +1738,15 @@ def prune_backups(settings):
         _remove_tree(meta["txn_dir"])
 
 
-def _check_same_filesystem(settings):
-    if os.stat(settings.state_dir).st_dev != os.stat(settings.root).st_dev:
-        raise UpdateError(f"the state dir {settings.state_dir} is not on the filesystem of {settings.root}: the swap needs rename(2); "
-                          "put --state-dir under the root")
+def work_dir(settings):
+    """Where transactions stage, back up and keep backups: the state dir, or,
+    when that is on another filesystem than ROOT, ROOT/.xcvm-update-work, so
+    that every move of the swap is a rename(2) on one filesystem."""
+    try:
+        same = os.stat(settings.state_dir).st_dev == os.stat(settings.root).st_dev
+    except FileNotFoundError:
+        same = True
+    return settings.state_dir if same else os.path.join(settings.root, WORK_DIR_NAME)
 
 
 def _file_sha256(path):
@@ -2102,13 +2112,16 @@ def node_status(ctx):
     except UpdateError:
         node = None
     pending = journal if journal and journal.get("step") not in ("committed", "rollback_failed") else None
+    last = _read_json(settings.state("last_result.json"))
     return {
         "installed_version": tree_version(settings.root),
+        "step": journal.get("step") if journal else None,
+        "last_outcome": last.get("step") if last else None,
         "node_type": node,
         "in_progress": pending,
         "finalize_pending": bool(journal and journal.get("step") == "committed"),
         "operator_action_needed": bool(journal and journal.get("step") == "rollback_failed"),
-        "last_result": _read_json(settings.state("last_result.json")),
+        "last_result": last,
         "backups": [{"id": os.path.basename(b["txn_dir"]), "from_version": b.get("from_version"),
                      "to_version": b.get("to_version"), "at": b.get("updated_at")} for b in list_backups(settings)],
     }

@@ -276,6 +276,26 @@ class InstallTest(unittest.TestCase):
         self.assertIn("installed 1.1.0", log)
         self.assertNotIn("s3cret-db-pass", log + result.err + result.out)
 
+    def test_state_dir_on_another_filesystem(self):
+        import subprocess
+
+        node = Node(self)
+        state = os.path.join(node.dir, "state")
+        os.makedirs(state)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", state], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", state])
+        before = node.snapshot()
+        archive, sha = node.release("1.1.0")
+        result = node.run("--state-dir", state, "install", archive, sha)
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual(node.version(), "1.1.0")
+        self.assertTrue(os.path.exists(os.path.join(state, "last_result.json")))
+        work = os.path.join(node.root, ".xcvm-update-work")
+        self.assertEqual(os.stat(work).st_mode & 0o777, 0o700)
+        self.assertEqual(node.run("--state-dir", state, "rollback").code, 0)
+        after = node.snapshot()
+        self.assertEqual({k: v for k, v in after.items() if not k.startswith(".xcvm-update-work")}, before)
+
     def test_state_dir_is_private(self):
         node = Node(self)
         archive, sha = node.release("1.1.0")
