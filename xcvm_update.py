@@ -1169,9 +1169,11 @@ def _write_all(fd, data):
 
 # ---------------------------------------------------------------- transaction
 
-FORWARD_STEPS = ("verifying", "staged", "stopped", "swapping", "swapped", "starting", "started", "committed", "finalized")
-UNDO_STEPS = ("stopped", "swapping", "swapped", "starting", "rolling_back")   # recovery rolls these back
-FINAL_OUTCOMES = ("finalized", "rolled_back", "rejected", "failed", "interrupted")
+# The journal's steps: verifying -> staged -> stopped -> swapping -> swapped ->
+# starting -> started -> committed -> finalized, or rolling_back -> rolled_back
+# (or rollback_failed).  A run that dies in one of these is rolled back by the
+# next one; one that dies at "started" or later is completed.
+UNDO_STEPS = ("stopped", "swapping", "swapped", "starting", "rolling_back")
 
 
 def crash_point(name):
@@ -2315,7 +2317,6 @@ class ReleaseServer:
                 server.requests.append((self.server.server_port, self.path, dict(self.headers)))
                 server.handle(self)
 
-        self.handler_class = Handler
         self.api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.assets = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         for httpd in (self.api, self.assets):
