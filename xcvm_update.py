@@ -2149,7 +2149,11 @@ def cmd_poll(ctx, args):
             return EXIT_ERROR
         if not request or request.get("not_before", 0) > time.time():
             return EXIT_OK
-        ctx.record("update signal {} claimed".format(",".join(map(str, request["signal_ids"]))))
+        signals = ",".join(map(str, request["signal_ids"]))
+        if request.get("attempts"):
+            ctx.record(f"retrying the update of signal {signals} (attempt {request['attempts'] + 1})")
+        else:
+            ctx.record(f"update signal {signals} claimed")
         try:
             code = cmd_update(ctx, args, force=request.get("force", False), from_poll=True)
         except (TransientError, DatabaseUnavailable, Busy) as error:
