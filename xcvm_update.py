@@ -41,13 +41,14 @@ import os
 import posixpath
 import re
 import shlex
-import shutil
 import signal
 import stat
-import subprocess
 import sys
 import threading
 import time
+
+# PyMySQL, subprocess, shutil, tarfile and the HTTP modules are imported where
+# they are used: poll runs every minute on every node and mostly needs none.
 
 __version__ = "1.0.0"
 
@@ -1204,17 +1205,20 @@ class FileWriters:
 
     open(2) is the slow part of unpacking many files on some filesystems (about
     1 ms here, for GNU tar as for us) and it releases the GIL, so creating
-    files from several threads overlaps that wait; tar does one at a time.  The
-    queue is short, so the bytes in flight stay a few MB whatever the archive.
+    files from several threads overlaps that wait; tar does one at a time.
+    At most BUDGET bytes wait in the queue, whatever the archive holds.
     """
 
-    SMALL = 512 * 1024
+    SMALL = 2 << 20
+    BUDGET = 8 << 20
     THREADS = 4
 
     def __init__(self):
         import queue
 
-        self.jobs = queue.Queue(maxsize=16)
+        self.jobs = queue.Queue(maxsize=64)
+        self.room = threading.Condition()
+        self.in_flight = 0
         self.error = None
         self.threads = [threading.Thread(target=self._work, name="writer", daemon=True) for _ in range(self.THREADS)]
         for thread in self.threads:
@@ -1223,6 +1227,10 @@ class FileWriters:
     def submit(self, target, data, mode, uid, gid, mtime):
         if self.error:
             raise self.error
+        with self.room:
+            while self.in_flight and self.in_flight + len(data) > self.BUDGET:
+                self.room.wait()
+            self.in_flight += len(data)
         self.jobs.put((target, data, mode, uid, gid, mtime))
 
     def _work(self):
@@ -1242,6 +1250,9 @@ class FileWriters:
                     os.close(fd)
             except BaseException as error:  # noqa: BLE001  the first failure is raised by finish()
                 self.error = self.error or error
+            with self.room:
+                self.in_flight -= len(data)
+                self.room.notify()
 
     def close(self):
         """Stop the threads (after the queued files are written)."""
@@ -1353,6 +1364,8 @@ class Service:
         self.log = log
 
     def _run(self, *args):
+        import subprocess
+
         command = self.settings.systemctl + list(args)
         try:
             done = subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -1412,6 +1425,8 @@ def health_gate(settings, service, log):
 
 
 def _run_checked(command, what, timeout):
+    import subprocess
+
     try:
         done = subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=timeout)
@@ -1856,6 +1871,8 @@ def _file_sha256(path):
 
 
 def _remove_tree(path):
+    import shutil
+
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -1992,6 +2009,9 @@ def _finalize_quietly(ctx):
 def _escape_service_cgroup(settings, args):
     """Re-run install in a transient systemd unit when we live inside the
     panel's own unit: stopping the panel would otherwise kill the install."""
+    import shutil
+    import subprocess
+
     try:
         with open("/proc/self/cgroup") as handle:
             inside = f"/{settings.service}.service" in handle.read()
@@ -2101,6 +2121,8 @@ def _hand_over(ctx, args, expected, version):
     No global options go along: through sudo, install takes its settings from
     root's /etc/xcvm-update.ini only (see main), so the sudoers line stays safe.
     """
+    import subprocess
+
     command = (["sudo", "-n", sys.executable, _program_path(), "install", ctx.settings.download_path, expected] +
                (["--version", version] if version else []))
     try:
@@ -2319,6 +2341,9 @@ def database_server(workdir):
         return host, port, user, password, None
     except pymysql.Error:
         pass
+    import shutil
+    import subprocess
+
     mariadbd = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
     install_db = shutil.which("mariadb-install-db")
     if not mariadbd or not install_db:
@@ -2426,6 +2451,8 @@ class ReleaseServer:
     def add_release(self, tag, assets, prerelease=False, digest=True):
         """Publish the named files of folder as a release's assets (copied to
         folder/TAG/, so the next release may reuse the names)."""
+        import shutil
+
         entries = []
         os.makedirs(os.path.join(self.folder, tag), exist_ok=True)
         for name in assets:
@@ -2458,6 +2485,8 @@ class ReleaseServer:
         return self.send_file(request, os.path.join(self.folder, os.path.basename(tag), os.path.basename(name)))
 
     def send_file(self, request, path):
+        import shutil
+
         try:
             size = os.path.getsize(path)
         except OSError:
