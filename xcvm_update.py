@@ -13,7 +13,9 @@ this order::
     transaction lock + journal: verify, stage, stop, swap, gate, commit,
                 or roll back; crash recovery from the journal
     commands    poll -> update -> install -> post-update, check, status,
-                rollback, demo
+                rollback
+    demo        a sandbox panel, releases, a GitHub look-alike, a database
+                (the tests reuse these parts)
     cli         argparse, exit codes
 
     [admin] -> signals {"action":"update"}
