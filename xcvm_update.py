@@ -1208,7 +1208,9 @@ class FileWriters:
     open(2) is the slow part of unpacking many files on some filesystems (about
     1 ms here, for GNU tar as for us) and it releases the GIL, so creating
     files from several threads overlaps that wait; tar does one at a time.
-    At most BUDGET bytes wait in the queue, whatever the archive holds.
+    Each directory's files go to one thread: creates in one directory contend
+    for its lock, and the kernel spins on that.  At most BUDGET bytes wait in
+    the queues, whatever the archive holds.
     """
 
     SMALL = 2 << 20
@@ -1218,11 +1220,12 @@ class FileWriters:
     def __init__(self):
         import queue
 
-        self.jobs = queue.Queue(maxsize=64)
+        self.queues = [queue.Queue(maxsize=32) for _ in range(self.THREADS)]
         self.room = threading.Condition()
         self.in_flight = 0
         self.error = None
-        self.threads = [threading.Thread(target=self._work, name="writer", daemon=True) for _ in range(self.THREADS)]
+        self.threads = [threading.Thread(target=self._work, args=(jobs,), name="writer", daemon=True)
+                        for jobs in self.queues]
         for thread in self.threads:
             thread.start()
 
@@ -1233,11 +1236,12 @@ class FileWriters:
             while self.in_flight and self.in_flight + len(data) > self.BUDGET:
                 self.room.wait()
             self.in_flight += len(data)
-        self.jobs.put((target, data, mode, uid, gid, mtime))
+        jobs = self.queues[hash(os.path.dirname(target)) % len(self.queues)]
+        jobs.put((target, data, mode, uid, gid, mtime))
 
-    def _work(self):
+    def _work(self, jobs):
         while True:
-            job = self.jobs.get()
+            job = jobs.get()
             if job is None:
                 return
             if self.error:
@@ -1258,8 +1262,8 @@ class FileWriters:
 
     def close(self):
         """Stop the threads (after the queued files are written)."""
-        for _ in self.threads:
-            self.jobs.put(None)
+        for jobs in self.queues:
+            jobs.put(None)
         for thread in self.threads:
             thread.join()
         self.threads = []
