@@ -841,8 +841,10 @@ def _draw_progress(done, size):
 
 
 def copy_and_hash(source, destination, algorithm):
-    """Copy a file while hashing it; returns the hex digest of what was written."""
-    digest = hashlib.new(algorithm)
+    """Copy a file while hashing it, in one pass: (sha256, digest of algorithm)
+    of what was written."""
+    sha256 = hashlib.sha256()
+    other = hashlib.new(algorithm) if algorithm != "sha256" else sha256
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     if not os.path.isfile(source) or not os.access(source, os.R_OK):
@@ -853,9 +855,11 @@ def copy_and_hash(source, destination, algorithm):
             count = src.readinto(buffer)
             if not count:
                 break
-            digest.update(view[:count])
+            sha256.update(view[:count])
+            if other is not sha256:
+                other.update(view[:count])
             dst.write(view[:count])
-    return digest.hexdigest()
+    return sha256.hexdigest(), other.hexdigest()
 
 
 # -------------------------------------------------------------------- archive
@@ -1644,11 +1648,10 @@ class Installer:
         self.journal.begin("install", txn_dir, from_version, version)
         try:
             private = os.path.join(txn_dir, "archive.tar.gz")
-            got = copy_and_hash(archive, private, algorithm)
+            sha256, got = copy_and_hash(archive, private, algorithm)
             if got != want:
                 raise Rejected(f"{algorithm} of {archive} is {got}, expected {want}: not installed")
             self.log.info("verified {} ({})".format(archive, expected if algorithm == "sha256" else "md5, weak"))
-            sha256 = got if algorithm == "sha256" else _file_sha256(private)
             started = time.monotonic()
             staged = stage_archive(private, os.path.join(txn_dir, "staging"), settings, uid, gid)
             to_version = version or staged.version
