@@ -73,13 +73,18 @@ class PollTest(unittest.TestCase):
         self.assertEqual(node.run("--api-base", github.api_base, "poll").code, 0)
         self.assertEqual(sorted(db.signals()), sorted(foreign))
 
-    def test_status_is_5_while_updating(self):
+    def paused_poll(self):
+        """A node whose poll is updating, held at the service stop."""
         node, db, github = main_node(self)
         publish(node, github, "1.1.0")
         db.signal(1)
         node.touch("block-stop")
         poll = node.start("--api-base", github.api_base, "poll")
-        node.wait_for(lambda: "stop xc_vm" in node.calls(), "the stop")
+        node.wait_for(lambda: "stop xc_vm" in node.calls(), "the poll's stop")
+        return node, db, github, poll
+
+    def test_status_is_5_while_updating(self):
+        node, db, _, poll = self.paused_poll()
         self.assertEqual(db.server_row()[1], 5)
         self.assertIsNotNone(node.status()["in_progress"])
         node.remove("block-stop")
@@ -87,12 +92,7 @@ class PollTest(unittest.TestCase):
         self.assertEqual(db.server_row(), ("1.1.0", 1))
 
     def test_two_polls_on_one_node_one_runs_the_other_is_busy(self):
-        node, db, github = main_node(self)
-        publish(node, github, "1.1.0")
-        db.signal(1)
-        node.touch("block-stop")
-        first = node.start("--api-base", github.api_base, "poll")
-        node.wait_for(lambda: "stop xc_vm" in node.calls(), "the first poll's stop")
+        node, _, github, first = self.paused_poll()
         second = node.run("--api-base", github.api_base, "poll")
         self.assertEqual((second.code, second.err), (75, ""))
         node.remove("block-stop")
